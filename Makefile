@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export MPLBACKEND := Agg
 
-.PHONY: help setup demo test check-export check-clean lint readme-check docs-check nbtest pytest \
+.PHONY: help setup demo test browser check-export check-clean lint readme-check docs-check nbtest pytest \
 	bench bench-quick export clean-nbs readme docs clean
 
 help:  ## List the targets
@@ -26,7 +26,22 @@ setup: $(STAMP)  ## Create .venv and install the pinned dependencies
 demo: $(STAMP)  ## Run the whole pipeline on the local sandbox tournament
 	$(BIN)/numerai-nb demo
 
-test: $(STAMP) check-export check-clean lint readme-check docs-check nbtest pytest  ## Every check
+test: $(STAMP) browser check-export check-clean lint readme-check docs-check nbtest pytest  ## Every check
+
+BROWSERS := chromium chromium-browser google-chrome google-chrome-stable
+
+browser:  ## A headless Chromium for the report test (apt-get installs it when run as root)
+	@if [ -n "$${CHROMIUM:-}" ] && [ -x "$${CHROMIUM}" ]; then echo "browser: $$CHROMIUM"; exit 0; fi; \
+	for b in $(BROWSERS); do \
+		if command -v "$$b" >/dev/null; then echo "browser: $$(command -v "$$b")"; exit 0; fi; \
+	done; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else \
+		echo "No Chromium found for the HTML report test. Install it (Debian/Ubuntu:" \
+			"sudo apt-get install -y chromium) or set CHROMIUM=/path/to/chrome."; \
+		exit 1; \
+	fi
 
 check-export: $(STAMP)  ## The library is exactly what the notebooks export
 	$(BIN)/nbdev_export
