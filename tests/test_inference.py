@@ -52,8 +52,9 @@ class Week:
     features: list
     runs: Path
 
-    def run(self, name: str, **options):
-        return run_inference(self.settings, self.runs / name, registry=self.registry, **options)
+    def run(self, name: str, settings: Settings | None = None, **options):
+        return run_inference(settings or self.settings, self.runs / name,
+                             registry=self.registry, **options)
 
     @property
     def live_path(self) -> Path:
@@ -155,7 +156,8 @@ def test_broken_live_data_fails_its_gate_with_exit_code_2_and_nothing_is_sent(we
     assert f"| {gate} | **FAIL** |" in summary
 
 
-@pytest.mark.parametrize("content", [b"", b"PAR1 this is not parquet PAR1"])
+@pytest.mark.parametrize("content", [b"", b"PAR1 this is not parquet PAR1"],
+                         ids=["empty", "not-parquet"])
 def test_an_empty_or_unreadable_live_file_fails_the_file_gate(week, content):
     week.live_path.write_bytes(content)
     result = week.run("unreadable")
@@ -258,3 +260,20 @@ def test_a_refused_upload_is_an_error_and_the_next_run_submits(week):
     again = week.run("retry")
     assert (again.status, again.exit_code) == ("submitted", 0)
     assert len([s for s in week.sandbox.submissions() if s.path]) == 1
+
+
+def test_a_bad_gate_setting_is_an_error_with_its_outputs_written(week, monkeypatch):
+    monkeypatch.setenv("NUMERAI_NB_GATE_MAX_DRIFTED_SHARE", "3")
+    result = week.run("bad-setting")
+    assert (result.status, result.exit_code) == ("error", 1)
+    assert "max_drifted_share" in result.message and week.sandbox.requests == []
+    saved, _ = _outputs(week.runs / "bad-setting")
+    assert saved["status"] == "error"
+
+
+def test_an_unknown_model_name_stops_before_any_download(week, monkeypatch):
+    monkeypatch.setenv("NUMERAI_MODEL_NAME", "not_my_model")
+    result = week.run("unknown-model", settings=Settings.from_env())
+    assert (result.status, result.exit_code) == ("error", 1)
+    assert "not_my_model" in result.message and "sandbox_model" in result.message
+    assert not [r for r in week.sandbox.requests if r["kind"] == "file"]
