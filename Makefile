@@ -66,7 +66,7 @@ nbtest: $(STAMP)  ## Run every notebook's examples and assertions
 	$(BIN)/nbdev_test --n_workers 2
 
 pytest: $(STAMP)  ## End-to-end tests, then the workflow lint, ending with the pytest summary
-	$(BIN)/python -m pytest -n 2 tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests
 
 bench: $(STAMP)  ## Side-by-side benchmark against the official example pipeline
 	$(BIN)/numerai-nb bench

@@ -132,9 +132,11 @@ def test_a_papermill_grid_of_four_members_is_ensembled_registered_and_submitted(
     assert csv["prediction"].between(0, 1).all() and csv["prediction"].nunique() > 1
 
 
-def test_lightgbm_dask_on_two_workers_matches_single_machine_training(tmp_path, tournament_spec,
-                                                                      monkeypatch):
-    folder = make_tournament(tmp_path / "data", tournament_spec)
+def test_an_existing_cluster_trains_lightgbm_dask_like_one_machine_and_runs_the_grid_command(
+        grid_env, tmp_path, tournament_spec, monkeypatch, capsys):
+    """One two-worker cluster, joined through DASK_SCHEDULER_ADDRESS: data-parallel LightGBM
+    scores like single-machine training on the same data, and `numerai-nb grid` runs on it."""
+    folder = make_tournament(tmp_path / "tournament", tournament_spec)
     features = feature_names(load_feature_metadata(folder / "features.json"), "small")
     params = TrainParams(n_estimators=20, learning_rate=0.1, colsample_bytree=0.5, seed=3,
                          device="cpu")
@@ -142,6 +144,11 @@ def test_lightgbm_dask_on_two_workers_matches_single_machine_training(tmp_path, 
     validation = load_validation(folder / "validation.parquet", features, ["target"],
                                  train["era"].max(), embargo_eras=0)
     single = train_booster(train, features, "target", params, progress=False)
+    grid = {"name": "seeds", "targets": ["target"], "seeds": [1, 2],
+            "params": {"n_estimators": 10, "learning_rate": 0.1}}
+    (tmp_path / "grid.yaml").write_text(json.dumps(grid))
+    (tmp_path / "bad.yaml").write_text(json.dumps({**grid, "targets": ["target_nowhere"]}))
+    out = tmp_path / "grid"
 
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster:
         monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", cluster.scheduler_address)
@@ -149,6 +156,11 @@ def test_lightgbm_dask_on_two_workers_matches_single_machine_training(tmp_path, 
             assert len(client.scheduler_info()["workers"]) == 2
             distributed = train_booster_dask(client, [folder / "train.parquet"], features,
                                              "target", params)
+        code = main([str(tmp_path / "grid.yaml"), "--out", str(out), "--mode", "in_process",
+                     "--weight", "s2=3", "--no-register"])
+        printed = capsys.readouterr()
+        failed = main([str(tmp_path / "bad.yaml"), "--mode", "in_process"])
+        failure = capsys.readouterr().err
 
     assert distributed.num_trees() == single.num_trees() == 20
     scores = {name: validation_metrics(validation, booster.predict(
@@ -157,24 +169,14 @@ def test_lightgbm_dask_on_two_workers_matches_single_machine_training(tmp_path, 
     assert scores["single"] > 0.05
     assert scores["dask"] == pytest.approx(scores["single"], abs=0.01)
 
-
-def test_the_grid_command_runs_members_in_process_with_weights_from_the_command_line(
-        grid_env, tmp_path, capsys):
-    grid = {"name": "seeds", "targets": ["target"], "seeds": [1, 2],
-            "params": {"n_estimators": 10, "learning_rate": 0.1}}
-    (tmp_path / "grid.yaml").write_text(json.dumps(grid))
-    out = tmp_path / "grid"
-    code = main([str(tmp_path / "grid.yaml"), "--out", str(out), "--workers", "1",
-                 "--mode", "in_process", "--weight", "s2=3", "--no-register"])
-    assert code == 0, capsys.readouterr().err
-    assert "| ensemble |" in capsys.readouterr().out
+    assert code == 0, printed.err
+    assert "| ensemble |" in printed.out
     saved = json.loads((out / "result.json").read_text())
-    assert saved["workers"] == 1 and saved["model_version"] is None
+    assert saved["workers"] == 2 and saved["model_version"] is None
     weights = {m["name"]: m["weight"] for m in
                json.loads((out / "ensemble" / "ensemble.json").read_text())["members"]}
     assert weights == pytest.approx({"target-small-base-s1": 0.25, "target-small-base-s2": 0.75})
-    assert not (grid_env.registry_dir).exists() or not open_registry(grid_env).versions()
+    assert open_registry(grid_env).versions() == []
 
-    (tmp_path / "bad.yaml").write_text(json.dumps({**grid, "targets": ["target_nowhere"]}))
-    assert main([str(tmp_path / "bad.yaml"), "--workers", "1", "--mode", "in_process"]) == 1
-    assert "target_nowhere-small-base-s1" in capsys.readouterr().err
+    assert failed == 1
+    assert "2 of 2 members failed" in failure and "target_nowhere-small-base-s1" in failure
