@@ -48,7 +48,10 @@ def train_report(tmp_path_factory):
                                             "every_nth_era": 1}, home / "run", attach=False)
         finally:
             for key, value in saved.items():
-                os.environ.pop(key, None) if value is None else os.environ.update({key: value})
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
     assert report.exit_code == 0, report.error
     return report
 
