@@ -122,6 +122,7 @@ def test_a_papermill_grid_of_four_members_is_ensembled_registered_and_submitted(
     resolved = load_model(registry.resolve("prod"))
     assert resolved.kind == "ensemble" and resolved.digest == ensemble.digest
     assert registry.get("prod").version == result.version.version
+    assert [v.version for v in registry.versions()] == [result.version.version]  # members not
 
     # inference, unchanged, submits with it
     submitted = run_inference(settings, tmp_path / "inference")

@@ -194,3 +194,18 @@ def test_colab_runner_steps_clone_install_and_train(world, tmp_path):
     manifest = json.loads((Path(result["model_dir"]) / "manifest.json").read_text())
     assert manifest["git_commit"].startswith(commit[:12])  # the clone's code trained it
     assert str(clone / "nbs" / "pipelines") in (out / "train.ipynb").read_text()
+
+
+def test_train_with_dask_workers_trains_data_parallel_and_registers_nothing(world):
+    """`dask_workers` hands training to lightgbm.dask on a local cluster; `register=False`
+    (as a grid's members run) leaves the registry as it was."""
+    out = world["home"] / "dask-run"
+    before = sorted(p.name for p in (world["home"] / "registry").glob("versions/v*"))
+    done = numerai_nb("train", *SMALL, "-p", "n_estimators", "12", "-p", "dask_workers", "2",
+                      "-p", "register", "False", "--out", out, env=world["env"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["model_version"] is None and result["trees"] == 12
+    assert result["metrics"]["corr_mean"] > 0
+    assert re.search(r"trained 12 trees on 2 workers", (out / "train.ipynb").read_text())
+    assert sorted(p.name for p in (world["home"] / "registry").glob("versions/v*")) == before
