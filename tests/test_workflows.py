@@ -91,6 +91,18 @@ def test_submit_runs_infer_and_always_keeps_the_run_folder():
     assert upload["if"] == "always()" and upload["with"]["path"] == "run"
 
 
+def test_submit_keeps_the_submission_ledger_between_runs():
+    """A fresh runner must know what was already submitted, or a re-run submits twice."""
+    steps = _load("submit.yml")["jobs"]["submit"]["steps"]
+    names = [s.get("uses", "").split("@")[0] or s.get("name") for s in steps]
+    restore, run, save = (names.index("actions/cache/restore"), names.index("Run inference"),
+                          names.index("actions/cache/save"))
+    assert restore < run < save and steps[save]["if"] == "always()"
+    for step in (steps[restore], steps[save]):
+        assert step["with"]["path"] == "~/.numerai_nb/submissions"
+    assert steps[restore]["with"]["restore-keys"] == "numerai-submissions-"
+
+
 def test_a_failed_submit_opens_or_updates_one_drift_alert_issue():
     workflow = _load("submit.yml")
     alert = workflow["jobs"]["alert"]
