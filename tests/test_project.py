@@ -1,4 +1,4 @@
-"""The project's ground: nbdev settings that keep papermill's tag, the README, settings and secrets."""
+"""The project's ground: nbdev settings keeping papermill's tag, the README, settings, secrets."""
 import json
 import logging
 import re
