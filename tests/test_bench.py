@@ -11,7 +11,7 @@ from numerai_nb import bench
 
 SUMMARY_KEYS = {"rows", "features", "trees", "peak_rss_mb", "rss_after_imports_mb",
                 "peak_rss_after_load_mb", "bytes_per_cell", "import_s", "load_s", "train_s",
-                "train_cpu_s", "load_average"}
+                "train_cpu_s", "load_average", "repeats", "train_s_all"}
 
 
 def test_quick_bench_writes_the_report_in_its_fixed_shape(tmp_path, monkeypatch, capsys):
@@ -22,7 +22,8 @@ def test_quick_bench_writes_the_report_in_its_fixed_shape(tmp_path, monkeypatch,
     report = json.loads((tmp_path / "run" / "bench.json").read_text())
 
     assert set(report) == {"created_at", "scale", "data", "machine", "example", "ours",
-                           "inference", "ratios", "targets", "capacity", "method", "workers"}
+                           "inference", "ratios", "targets", "capacity", "method", "repeats",
+                           "workers"}
     assert report["data"]["folder"].startswith(str(tmp_path / "home" / "bench-data"))
     assert not report["data"]["reused"]
     assert bench.make_bench_data(tmp_path / "home" / "bench-data",
