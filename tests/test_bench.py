@@ -22,8 +22,8 @@ def test_quick_bench_writes_the_report_in_its_fixed_shape(tmp_path, monkeypatch,
     report = json.loads((tmp_path / "run" / "bench.json").read_text())
 
     assert set(report) == {"created_at", "scale", "data", "machine", "example", "ours",
-                           "inference", "ratios", "targets", "capacity", "method", "repeats",
-                           "workers"}
+                           "inference", "grid", "ratios", "targets", "capacity", "method",
+                           "repeats", "workers"}
     assert report["data"]["folder"].startswith(str(tmp_path / "home" / "bench-data"))
     assert not report["data"]["reused"]
     assert bench.make_bench_data(tmp_path / "home" / "bench-data",
@@ -57,14 +57,18 @@ def test_quick_bench_writes_the_report_in_its_fixed_shape(tmp_path, monkeypatch,
     headings = [line for line in markdown.splitlines() if line.startswith("#")]
     assert [h.split(" (")[0].split(" of ")[0] for h in headings] == [
         "# Benchmark `quick`, " + report["created_at"], "## Training", "## Targets",
-        "## Inference on a live-sized frame", "## Largest training set", "## What is measured"]
+        "## Inference on a live-sized frame", "## Largest training set", "## Many models on Dask",
+        "## What is measured"]
     rows = [line.split(" | ")[0].lstrip("| ") for line in markdown.splitlines()
             if line.startswith("| ") and "---" not in line]
     assert rows == (["", *[label for label, _, _ in bench._ROWS], "target",
                      *[t["target"] for t in report["targets"]], "step",
-                     *bench.INFERENCE_STEPS, "**total without imports**"])
+                     *bench.INFERENCE_STEPS, "**total without imports**", "grid",
+                     *[g["step"] for g in report["grid"]]])
+    assert [(g["workers"], g["members"]) for g in report["grid"]] == [(1, 4), (2, 4)]
+    assert all(g["seconds"] > 0 and g["corr_mean"] > 0 for g in report["grid"])
     sections = markdown.split("\n## ")
-    for title, columns in (("Training", 4), ("Targets", 5), ("Inference", 2)):
+    for title, columns in (("Training", 4), ("Targets", 5), ("Inference", 2), ("Many", 4)):
         table = [line for line in next(x for x in sections if x.startswith(title)).splitlines()
                  if line.startswith("|")]
         assert table and all(line.count("|") == columns + 1 for line in table), title
