@@ -10,6 +10,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+from numerai_nb.config import environment
 from numerai_nb.reports import run_pipeline
 from numerai_nb.sandbox import Sandbox, SandboxSpec, sandbox_env
 
@@ -40,18 +41,9 @@ def train_report(tmp_path_factory):
     with Sandbox(home / "sandbox", SandboxSpec(train_eras=24, validation_eras=10)) as sandbox:
         env = {**sandbox_env(sandbox), "NUMERAI_NB_HOME": str(home), "LGBM_DEVICE": "cpu",
                "WANDB_MODE": "offline", "MPLBACKEND": "Agg"}
-        saved = {k: os.environ.get(k) for k in [*env, "WANDB_API_KEY"]}
-        os.environ.update(env)
-        os.environ.pop("WANDB_API_KEY", None)
-        try:
+        with environment({**env, "WANDB_API_KEY": None}):
             report = run_pipeline("train", {"feature_set": "small", "n_estimators": 20,
                                             "every_nth_era": 1}, home / "run", attach=False)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
     assert report.exit_code == 0, report.error
     return report
 
